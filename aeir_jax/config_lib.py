@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.splits = ("target_test", "source_test")
   c.eval.batch_size = 250
   c.eval.at_start = True
+  c.eval.embed_samples = 200      # images (and their captions) per domain saved for plots
   return c
 
 

@@ -85,7 +85,43 @@ class Evaluator:
             np.asarray(block)[:len(i_idx), :len(c_idx)]
     return out
 
-  def evaluate(self, variables, split: RetrievalSplit, prefix: str) -> dict:
+  def evaluate(self, variables, split: RetrievalSplit, prefix: str, return_scores=False):
+    """Metrics `{prefix}/{metric}`; with `return_scores` also the score matrix."""
     sims = self.scores(variables, split)
     metrics = retrieval_metrics(sims, split.captions_per_image)
-    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+    metrics = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+    return (metrics, sims) if return_scores else metrics
+
+
+def _subset(split: RetrievalSplit, num_images: int) -> RetrievalSplit:
+  n = min(num_images, split.num_images)
+  cpi = split.captions_per_image
+  return RetrievalSplit(images=split.images[:n], captions=split.captions[:n * cpi],
+                        lengths=split.lengths[:n * cpi], captions_per_image=cpi, name=split.name)
+
+
+def pooled_embeddings(evaluator: Evaluator, variables, split: RetrievalSplit, num_images: int):
+  """Pooled, l2-normalised embeddings of the first images and their captions (for plots)."""
+  img, cap = evaluator.encode(variables, _subset(split, num_images))
+  if evaluator.dual:
+    return img, cap
+  return (np.asarray(pooled_image(img)), np.asarray(pooled_caption(cap[0], cap[1])))
+
+
+def retrieval_examples(sims: np.ndarray, split: RetrievalSplit, num_queries=8, top=5) -> dict:
+  """Top-`top` results for the first text and image queries, with the correct ones marked."""
+  cpi = split.captions_per_image
+  image_ids = split.image_ids or [str(i) for i in range(split.num_images)]
+  texts = split.caption_texts or [f"caption {c}" for c in range(split.num_captions)]
+  t2i, i2t = [], []
+  for c in range(0, min(num_queries * cpi, split.num_captions), cpi):
+    order = np.argsort(-sims[:, c], kind="stable")[:top]
+    t2i.append({"caption_index": c, "caption": texts[c],
+                "results": [{"image_index": int(i), "image_id": image_ids[i],
+                             "correct": bool(i == c // cpi)} for i in order]})
+  for i in range(min(num_queries, split.num_images)):
+    order = np.argsort(-sims[i], kind="stable")[:top]
+    i2t.append({"image_index": i, "image_id": image_ids[i],
+                "results": [{"caption_index": int(c), "caption": texts[c],
+                             "correct": bool(c // cpi == i)} for c in order]})
+  return {"split": split.name, "text_to_image": t2i, "image_to_text": i2t}

@@ -26,11 +26,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from aeir_jax import checkpoints, config_lib, losses, parallel
+from aeir_jax import artifacts, checkpoints, config_lib, losses, parallel
 from aeir_jax.data import load_data
 from aeir_jax.data.samplers import PairedSampler, UnpairedSampler, gather
 from aeir_jax.errors import UserError, WorkdirError
-from aeir_jax.evaluate import Evaluator
+from aeir_jax.evaluate import Evaluator, pooled_embeddings, retrieval_examples
 from aeir_jax.logging_lib import MetricsWriter, format_results_table
 from aeir_jax.models.aeir import AEIRModel
 from aeir_jax.models.discriminator import Discriminators
@@ -309,10 +309,7 @@ def _prepare_workdir(workdir, config):
           f"workdir {workdir} holds a run with a different config ({', '.join(diff)}); "
           "use a new --workdir, or restore those values to resume")
   if jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    artifacts.write_json(workdir, "config.json", current)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
@@ -378,12 +375,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
   eval_splits = config_lib.eval_splits(config, data)
   writer = MetricsWriter(workdir, enabled=is_main)
 
-  def evaluate(step):
+  def evaluate(step, final=False):
     variables = {"params": state["params"]["enc"], **state["model_state"]}
     out = {}
     for name, split in eval_splits.items():
-      out.update(evaluator.evaluate(variables, split, name))
+      metrics, sims = evaluator.evaluate(variables, split, name, return_scores=True)
+      out.update(metrics)
+      if final and is_main:
+        artifacts.write_json(workdir, f"retrieval/{name}.json",
+                             retrieval_examples(sims, split))
     writer.write(step, out, kind="eval")
+    if is_main:
+      embeddings = {}
+      for domain, split in (("source", data.source.test), ("target", data.target.test)):
+        img, cap = pooled_embeddings(evaluator, variables, split, config.eval.embed_samples)
+        embeddings[f"image_{domain}"], embeddings[f"caption_{domain}"] = img, cap
+      artifacts.write_npz(workdir, f"embeddings/step_{step}.npz", embeddings)
     return out
 
   def save(step, force=False):
@@ -429,7 +436,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
             stop_reason = "nonfinite"
           t_last, n_last = time.time(), 0
         if stop_reason is None and (done % config.train.eval_every == 0 or done == num_steps):
-          eval_metrics = evaluate(done)
+          eval_metrics = evaluate(done, final=done == num_steps)
           t_last = time.time()
         if stop_reason is None and (done % config.train.checkpoint_every == 0
                                     or done == num_steps):
@@ -459,10 +466,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
   results = {"step": int(state["step"]), "variant": config.variant, "seed": config.seed,
              **eval_metrics}
   if is_main:
-    tmp = os.path.join(workdir, "results.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, "results.json"))
+    artifacts.write_json(workdir, "results.json", results)
     print(format_results_table(results, list(eval_splits)), flush=True)
   return results
 

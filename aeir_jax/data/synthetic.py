@@ -108,7 +108,8 @@ class _Domain:
         words.append(ATTRIBUTES[attrs[o]])
       words.append(CONCEPTS[concepts[o]])
       phrases.append(words)
-    template = TEMPLATES[self.name][rng.integers(len(TEMPLATES[self.name]))]
+    fitting = [t for t in TEMPLATES[self.name] if t.count("{o}") <= len(phrases)]
+    template = fitting[rng.integers(len(fitting))]
     out = []
     # Fill the template's slots; remaining objects are appended with "and"/"with".
     it = iter(phrases)
