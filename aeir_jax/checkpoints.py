@@ -47,36 +47,45 @@ class Checkpointer:
     self.manager.close()
 
 
-def save_params(path: str, params):
-  """Writes a params-only checkpoint (for `train.init_from`)."""
+def save_params(path: str, params, model_state=None):
+  """Writes a params-only checkpoint `{'params': ..., **model_state}` (for `train.init_from`).
+
+  The same layout as `python -m aeir_jax.tools.import_torch` writes.
+  """
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), params, force=True)
+    ckptr.save(os.path.abspath(path), {"params": params, **(model_state or {})}, force=True)
 
 
-def load_params(path: str, abstract_params=None):
-  """Reads a params-only checkpoint written by `save_params` (or `params` of a train state).
+def load_params(path: str) -> dict:
+  """Reads encoder params (and model state, e.g. BatchNorm statistics) for `init_from`.
 
-  `path` may be a params checkpoint, a workdir (its latest train checkpoint's encoder params
-  are used) or a train checkpoint step directory.
+  `path` may be a params checkpoint (`save_params`, `import_torch`), a finished workdir (its
+  latest checkpoint is used) or one train checkpoint step directory. Returns
+  `{'params': ..., **model_state}` as host arrays.
   """
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise WorkdirError(f"init_from: {path} does not exist; point train.init_from at a params "
                        "checkpoint or at a finished workdir")
   if os.path.isdir(os.path.join(path, "checkpoints")):
-    mngr = ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "meta"))
-    step = mngr.latest_step()
+    step = ocp.CheckpointManager(os.path.join(path, "checkpoints"),
+                                 item_names=("state", "meta")).latest_step()
     if step is None:
       raise WorkdirError(f"init_from: {path} holds no complete checkpoint")
     path = os.path.join(path, "checkpoints", str(step))
-  if os.path.isdir(os.path.join(path, "state")):
+  try:
     with ocp.StandardCheckpointer() as ckptr:
-      state = ckptr.restore(os.path.join(path, "state"))
-    return state["params"]["enc"]
-  with ocp.StandardCheckpointer() as ckptr:
-    if abstract_params is not None:
-      return ckptr.restore(path, abstract_params)
-    return ckptr.restore(path)
+      if os.path.isdir(os.path.join(path, "state")):
+        state = ckptr.restore(os.path.join(path, "state"))
+        return {"params": state["params"]["enc"], **state["model_state"]}
+      tree = ckptr.restore(path)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise WorkdirError(f"init_from: {path} is not a readable params checkpoint ({e}); create "
+                       "one with save_params or tools.import_torch") from None
+  if "params" not in tree:
+    raise WorkdirError(f"init_from: {path} has no 'params' entry; create it with save_params "
+                       "or tools.import_torch")
+  return {k: v for k, v in tree.items() if k != "discriminators"}
 
 
 def tree_shapes_match(a, b) -> bool:

@@ -7,16 +7,28 @@ import os
 
 
 class MetricsWriter:
-  """Appends `{"step", "kind", ...metrics}` lines to `<workdir>/metrics.jsonl` and writes the
-  same scalars to TensorBoard under `<workdir>/tb`. Only process 0 writes."""
+  """Writes `{"step", "kind", ...values}` JSON lines and TensorBoard scalars (`<workdir>/tb`).
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Kinds "train", "eval" and "event" go to `metrics.jsonl`, which is a deterministic function of
+  the config and seed; "perf" (throughput, wall-clock) goes to `perf.jsonl`. With
+  `truncate_after=s` (a run resumed from step s) both files first drop their records after
+  step s, so a resumed run's files equal an uninterrupted run's. Only process 0 writes.
+  """
+
+  FILES = {"train": "metrics.jsonl", "eval": "metrics.jsonl", "event": "metrics.jsonl",
+           "perf": "perf.jsonl"}
+
+  def __init__(self, workdir: str, enabled: bool = True, truncate_after: int | None = None):
     self.enabled = enabled
     self._tb = None
     if not enabled:
       return
-    self._path = os.path.join(workdir, "metrics.jsonl")
-    self._file = open(self._path, "a")
+    self._files = {}
+    for name in sorted(set(self.FILES.values())):
+      path = os.path.join(workdir, name)
+      if truncate_after is not None and os.path.exists(path):
+        _truncate(path, truncate_after)
+      self._files[name] = open(path, "a")
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
@@ -27,26 +39,43 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": int(step), "kind": kind, **{k: float(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(record, sort_keys=True) + "\n")
-    self._file.flush()
+    f = self._files[self.FILES[kind]]
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+    f.flush()
     if self._tb is not None:
       for k, v in metrics.items():
-        self._tb.add_scalar(k, float(v), int(step))
+        self._tb.add_scalar(k if "/" in k else f"{kind}/{k}", float(v), int(step))
 
   def close(self):
     if not self.enabled:
       return
-    self._file.close()
+    for f in self._files.values():
+      f.close()
     if self._tb is not None:
       self._tb.close()
 
 
-def read_metrics(workdir: str, kind: str | None = None) -> list[dict]:
-  """Reads `<workdir>/metrics.jsonl`, keeping the last record per (step, kind).
+def _truncate(path: str, last_step: int):
+  """Keeps the complete records with step <= last_step (atomically rewritten)."""
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut short by a kill
+      if rec.get("step", 0) <= last_step:
+        kept.append(json.dumps(rec, sort_keys=True) + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
-  A resumed run re-logs the steps after its last checkpoint; the later lines win.
-  """
-  path = os.path.join(workdir, "metrics.jsonl")
+
+def read_metrics(workdir: str, kind: str | None = None) -> list[dict]:
+  """Reads `<workdir>/metrics.jsonl` (and perf.jsonl for kind="perf"), last record per
+  (step, kind) winning."""
+  path = os.path.join(workdir, MetricsWriter.FILES.get(kind or "train"))
   records = {}
   with open(path) as f:
     for line in f:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from aeir_jax.models.encoders import safe_norm
+
 _EPS = 1e-8
 
 
 def _unit(x):
   """Cosine normalisation with the norm clamped at 1e-8 (zero vectors stay zero)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
+  return x / jnp.maximum(safe_norm(x), _EPS)
 
 
 def _aggregate_phi(cos, mask_x, mask_y, agg, pad_zero_candidate):

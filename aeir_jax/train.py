@@ -96,7 +96,7 @@ def init_state(config, model, discs, txs, data, rng):
 
 
 def _global_norm(tree):
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 def _clip(grads, config):
@@ -312,6 +312,31 @@ def _prepare_workdir(workdir, config):
     artifacts.write_json(workdir, "config.json", current)
 
 
+def _restore_or_init(config, ckpt, init_fn, abstract, state_sharding, rng):
+  """Resumes from the workdir's latest checkpoint, or initialises (optionally `init_from`)."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(latest, abstract)
+    print(f"Resuming from step {latest} in {os.path.dirname(ckpt.directory)}", flush=True)
+    return state, meta
+  state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+  if config.train.init_from:
+    loaded = checkpoints.load_params(config.train.init_from)
+    for key, target in (("params", state["params"]["enc"]),) + tuple(
+        (k, v) for k, v in state["model_state"].items() if k in loaded):
+      if not checkpoints.tree_shapes_match(loaded[key], target):
+        raise WorkdirError(
+            f"train.init_from={config.train.init_from}: its {key} have other shapes than this "
+            "config's model; check model dims, similarity head and vocabulary size")
+    state["params"]["enc"] = jax.tree.map(
+        lambda new, old: jax.device_put(new, old.sharding), loaded["params"],
+        state["params"]["enc"])
+    state["model_state"] = {k: jax.tree.map(lambda new, old: jax.device_put(new, old.sharding),
+                                            loaded.get(k, v), v)
+                            for k, v in state["model_state"].items()}
+  return state, {"examples_seen": 0, "train_seconds": 0.0, "eval_metrics": {}}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
   """Trains (or resumes) AEIR in `workdir`; returns the final metrics.
 
@@ -340,20 +365,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
                           abstract, state_sharding)
 
   ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints)
-  latest = ckpt.latest_step()
-  meta = {"examples_seen": 0, "train_seconds": 0.0}
-  if latest is not None:
-    state, meta = ckpt.restore(latest, abstract)
-    print(f"Resuming from step {latest} in {workdir}", flush=True)
-  else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
-    if config.train.init_from:
-      enc = checkpoints.load_params(config.train.init_from, abstract["params"]["enc"])
-      if not checkpoints.tree_shapes_match(enc, abstract["params"]["enc"]):
-        raise WorkdirError(f"train.init_from={config.train.init_from} holds parameters of "
-                           "other shapes than this config's model; check model dims and vocab")
-      state["params"]["enc"] = jax.device_put(enc, jax.tree.map(lambda _: repl, enc))
+  state, meta = _restore_or_init(config, ckpt, init_fn, abstract, state_sharding, rng)
   start = int(state["step"])
+  nonfinite_seen = int(state["nonfinite_steps"])
 
   source_split = data.source.train
   samplers = {
@@ -373,7 +387,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
   step_fn = jax.jit(make_train_step(config, model, discs, txs), donate_argnums=0)
   evaluator = Evaluator(model, config.eval.batch_size, batch_sharding, repl)
   eval_splits = config_lib.eval_splits(config, data)
-  writer = MetricsWriter(workdir, enabled=is_main)
+  # A resumed run rewrites its logs up to the restored step, so they match an uninterrupted run.
+  writer = MetricsWriter(workdir, enabled=is_main, truncate_after=start)
 
   def evaluate(step, final=False):
     variables = {"params": state["params"]["enc"], **state["model_state"]}
@@ -391,6 +406,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
         img, cap = pooled_embeddings(evaluator, variables, split, config.eval.embed_samples)
         embeddings[f"image_{domain}"], embeddings[f"caption_{domain}"] = img, cap
       artifacts.write_npz(workdir, f"embeddings/step_{step}.npz", embeddings)
+    # Kept in the checkpoint's meta: a run resumed after its last step still has them.
+    meta["eval_metrics"] = out
     return out
 
   def save(step, force=False):
@@ -398,12 +415,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
     ckpt.save(step, state, dict(meta, data_position=positions), force=force)
 
   num_steps = config.train.num_steps
-  eval_metrics = {}
   if start == 0 and config.eval.at_start:
-    eval_metrics = evaluate(0)
+    evaluate(0)
   pairs_per_step = config.data.source_batch + config.data.target_batch
   progress = None
-  if is_main and config.train.progress:
+  if is_main and config.train.progress and start < num_steps:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     progress = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True)
 
@@ -422,29 +438,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
         if progress is not None:
           progress.update(1)
         if done % config.train.log_every == 0 or done == num_steps:
-          host = jax.device_get(metrics)
+          host = {k: float(v) for k, v in jax.device_get(metrics).items()}
           elapsed = time.time() - t_last
           meta["train_seconds"] += elapsed
-          host = {k: float(v) for k, v in host.items()}
-          host["perf/pairs_per_sec"] = n_last * pairs_per_step / max(elapsed, 1e-9)
-          host["perf/examples_seen"] = meta["examples_seen"]
           writer.write(done, host, kind="train")
+          writer.write(done, {"perf/pairs_per_sec": n_last * pairs_per_step / max(elapsed, 1e-9),
+                              "perf/examples_seen": meta["examples_seen"]}, kind="perf")
           if progress is not None:
             progress.set_postfix(loss=f"{host['loss/encoder']:.3f}",
-                                 pairs_s=f"{host['perf/pairs_per_sec']:.0f}")
-          if int(state["nonfinite_steps"]) and config.train.on_nonfinite == "stop":
-            stop_reason = "nonfinite"
+                                 pairs_s=f"{n_last * pairs_per_step / max(elapsed, 1e-9):.0f}")
+          nonfinite = int(state["nonfinite_steps"])
+          if nonfinite > nonfinite_seen:
+            writer.write(done, {"nonfinite_steps": nonfinite}, kind="event")
+            print(f"warning: {nonfinite - nonfinite_seen} step(s) up to step {done} had a "
+                  "non-finite loss or gradient; their updates were skipped", flush=True)
+            nonfinite_seen = nonfinite
+            if config.train.on_nonfinite == "stop":
+              stop_reason = "nonfinite"
           t_last, n_last = time.time(), 0
         if stop_reason is None and (done % config.train.eval_every == 0 or done == num_steps):
-          eval_metrics = evaluate(done, final=done == num_steps)
+          evaluate(done, final=done == num_steps)
           t_last = time.time()
-        if stop_reason is None and (done % config.train.checkpoint_every == 0
-                                    or done == num_steps):
-          save(done)
         if preempt.signal and stop_reason is None:
           stop_reason = preempt.signal
+        if stop_reason or done % config.train.checkpoint_every == 0 or done == num_steps:
+          save(done, force=bool(stop_reason))
         if stop_reason:
-          save(done, force=True)
           break
   finally:
     prefetch.close()
@@ -464,7 +483,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
     return {"interrupted": True, "step": int(state["step"])}
 
   results = {"step": int(state["step"]), "variant": config.variant, "seed": config.seed,
-             **eval_metrics}
+             **meta["eval_metrics"]}
   if is_main:
     artifacts.write_json(workdir, "results.json", results)
     print(format_results_table(results, list(eval_splits)), flush=True)

@@ -13,9 +13,14 @@ import jax
 import jax.numpy as jnp
 
 
+def safe_norm(x, axis=-1, keepdims=True):
+  """||x|| along `axis` with a finite gradient at x = 0 (zero vectors are padding)."""
+  return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=keepdims), 1e-30))
+
+
 def l2norm(x, axis=-1, eps=1e-8):
   """x / (||x|| + eps) along `axis` (the reference's l2norm, zero vectors stay zero)."""
-  return x / (jnp.linalg.norm(x, axis=axis, keepdims=True) + eps)
+  return x / (safe_norm(x, axis) + eps)
 
 
 def uniform_symmetric(bound):
