@@ -169,3 +169,8 @@ def make_benchmark(cfg, seed: int) -> TransferData:
                       dev=split("target", cfg.target_dev, "target_dev"))
   return TransferData(source=source, target=target, vocab_size=len(words),
                       image_dim=cfg.image_dim, words=words)
+
+
+def load_transfer(config) -> TransferData:
+  """The `data.name='synthetic'` loader: the benchmark of `config.data.synthetic`."""
+  return make_benchmark(config.data.synthetic, config.data.seed)
