@@ -288,10 +288,11 @@ class _Prefetch:
       self._thread.join(timeout=0.05)
 
 
-def _prepare_workdir(workdir, config):
+def _check_workdir(workdir, config):
+  """The workdir must be writable, and a run already in it must have a compatible config."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -299,17 +300,14 @@ def _prepare_workdir(workdir, config):
     raise WorkdirError(f"workdir {workdir} is not writable ({e.strerror}); pass a --workdir "
                        "you can write to") from None
   path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json())
-  if os.path.exists(path):
+  if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
     with open(path) as f:
       previous = json.load(f)
-    diff = config_lib.incompatible_fields(previous, current)
-    if diff and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    diff = config_lib.incompatible_fields(previous, json.loads(config.to_json()))
+    if diff:
       raise WorkdirError(
-          f"workdir {workdir} holds a run with a different config ({', '.join(diff)}); "
+          f"workdir {workdir} holds a run with a different config ({'; '.join(diff)}); "
           "use a new --workdir, or restore those values to resume")
-  if jax.process_index() == 0:
-    artifacts.write_json(workdir, "config.json", current)
 
 
 def _restore_or_init(config, ckpt, init_fn, abstract, state_sharding, rng):
@@ -344,11 +342,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
   """
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
-  _prepare_workdir(workdir, config)
+  _check_workdir(workdir, config)
   is_main = jax.process_index() == 0
 
   data = load_data(config)
   config_lib.validate_with_data(config, data)
+  if is_main:  # written once the config and the data have passed validation
+    artifacts.write_json(workdir, "config.json", json.loads(config.to_json()))
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_divisible("data.source_batch", config.data.source_batch, mesh)
   parallel.check_batch_divisible("data.target_batch", config.data.target_batch, mesh)
