@@ -1,31 +1,58 @@
-"""Command-line handling for launch.py: flags, config loading, clean errors."""
+"""Command-line handling for launch.py: flags, config loading, sweeps, clean errors."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
-from aeir_jax.errors import ConfigError, UserError
+from aeir_jax import config_lib
+from aeir_jax.errors import ConfigError, UserError, WorkdirError
 
 EXIT_USER_ERROR = 2
 EXIT_NUMERICAL = 3
+SWEEP_FLAGS = ("parallel", "dry-run", "emit", "slurm-args", "launcher")
 
 
-def _define_flags():
+def _define_flags(argv):
   fl = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.",
-                                  flag_values=fl, lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.",
+                                  flag_values=fl, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results (with "
+                      "--sweep: the sweep's root, one subdirectory per point).", flag_values=fl)
+  flags.DEFINE_string("sweep", None, "Run the named sweep of the config file's sweep(name); "
+                      "--sweep alone runs its default sweep.", flag_values=fl)
+  flags.DEFINE_integer("parallel", 1, "Sweep points run at a time (locally).", lower_bound=1,
+                       flag_values=fl)
+  flags.DEFINE_bool("dry-run", False, "List the sweep's points and command lines; run nothing.",
+                    flag_values=fl)
+  flags.DEFINE_enum("emit", None, ["slurm", "shell"], "Write job scripts instead of running: "
+                    "slurm (one sbatch script per point + submit_all.sh) or shell "
+                    "(commands.sh, one command per line).", flag_values=fl)
+  flags.DEFINE_string("slurm-args", "", "Extra sbatch options for --emit slurm, e.g. "
+                      "'--gres=gpu:1 --time=04:00:00 --mem=32G'.", flag_values=fl)
+  flags.DEFINE_string("launcher", "", "Command that runs a point instead of 'python launch.py', "
+                      "e.g. 'srun python launch.py' (default: this Python and launch.py).",
                       flag_values=fl)
   return fl
 
 
+def _bare_sweep(argv):
+  """Lets `--sweep` stand alone (the default sweep): rewrites it to `--sweep=`."""
+  out = list(argv)
+  for i, token in enumerate(out[1:], 1):
+    if token in ("--sweep", "-sweep") and (i + 1 == len(out) or out[i + 1].startswith("-")):
+      out[i] = "--sweep="
+  return out
+
+
 def _parse(argv):
   """Parses flags; any problem with them becomes a ConfigError with one line."""
-  fl = _define_flags()
+  argv = _bare_sweep(argv)
+  fl = _define_flags(argv)
   try:
     fl(argv)
   except flags.Error as e:
@@ -34,7 +61,11 @@ def _parse(argv):
     raise ConfigError("--config is required, e.g. --config configs/default.py")
   if not fl.workdir:
     raise ConfigError("--workdir is required, e.g. --workdir runs/default")
-  return fl.config, fl.workdir
+  if fl.sweep is None:
+    given = [f"--{name}" for name in SWEEP_FLAGS if fl[name].present]
+    if given:
+      raise ConfigError(f"{', '.join(given)}: only for sweeps; add --sweep [NAME]")
+  return fl
 
 
 def _flag_error_message(text: str) -> str:
@@ -46,13 +77,62 @@ def _flag_error_message(text: str) -> str:
   return text
 
 
+def _check_point(point):
+  """Parses a sweep point's launch.py arguments as launch.py would and validates its config."""
+  try:
+    config_lib.validate(_parse(["launch.py", *point.args]).config)
+  except ConfigError as e:
+    raise ConfigError(f"sweep point {point.dir}: {e}") from None
+
+
+def _sweep(fl) -> int:
+  """--sweep: expands the config's sweep and lists, emits or runs its points."""
+  from aeir_jax import sweep  # pylint: disable=g-import-not-at-top
+  config_path, _, base_arg = config_flags.get_config_filename(fl["config"]).partition(":")
+  if fl["slurm-args"].present and fl.emit != "slurm":
+    raise ConfigError("--slurm-args only applies with --emit slurm")
+  if fl["parallel"].present and fl.emit:
+    raise ConfigError("--parallel applies to local runs; drop it with --emit (for emitted "
+                      "commands.sh use xargs -P N)")
+  root = os.path.abspath(fl.workdir)
+  launcher = shlex.split(fl.launcher) if fl.launcher else sweep.default_launcher()
+  points = sweep.load_points(config_path, fl.sweep)
+  sweep.attach_commands(points, config_path, base_arg,
+                        config_flags.get_override_values(fl["config"]), root, launcher)
+  for point in points:
+    _check_point(point)
+  if fl["dry-run"].value:
+    sweep.print_plan(points, root)
+    return 0
+  try:
+    sweep.write_sweep_file(root, points, {"config": config_path, "arg": base_arg,
+                                          "sweep": fl.sweep})
+  except OSError as e:
+    raise WorkdirError(f"cannot write the sweep root {root} ({e.strerror}); pass a --workdir "
+                       "you can write to") from None
+  if fl.emit == "slurm":
+    prefix = "-".join(filter(None, (os.path.splitext(os.path.basename(config_path))[0],
+                                    fl.sweep)))
+    paths = sweep.emit_slurm(points, root, fl["slurm-args"].value, job_prefix=prefix)
+    print(f"wrote {len(points)} sbatch scripts; submit them with: bash {paths[-1]}")
+    return 0
+  if fl.emit == "shell":
+    path = sweep.emit_shell(points, root)
+    print(f"wrote {path}; run it with: xargs -d '\\n' -P 4 -I{{}} bash -c {{}} < {path}")
+    return 0
+  print(f"[sweep] {len(points)} points of {config_path} in {root}", flush=True)
+  return sweep.run_points(points, root, parallel=fl.parallel)
+
+
 def main(argv) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
-    config, workdir = _parse(argv)
+    fl = _parse(argv)
+    if fl.sweep is not None:
+      return _sweep(fl)
     from aeir_jax import train  # pylint: disable=g-import-not-at-top
     try:
-      result = train.run(config, workdir)
+      result = train.run(fl.config, fl.workdir)
     except train.NumericalError as e:
       print(f"error: {e}", file=sys.stderr)
       return EXIT_NUMERICAL
