@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
 import shlex
 import sys
@@ -49,14 +51,60 @@ def _bare_sweep(argv):
   return out
 
 
+def _config_arg(argv):
+  """The value of --config in argv ('path[:arg]'), or None."""
+  for i, token in enumerate(argv):
+    if token.startswith("--config="):
+      return token.split("=", 1)[1]
+    if token == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config_file(spec):
+  """Imports a config file and calls its get_config(arg), without any overrides."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_aeir_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _unknown_field_message(argv):
+  """For a --config.a.b=v naming no field: which one, and the closest existing names."""
+  config = _load_config_file(_config_arg(argv))
+  for token in argv:
+    if not token.startswith("--config."):
+      continue
+    dotted = token[len("--config."):].split("=", 1)[0]
+    node, walked = config, []
+    for part in dotted.split("."):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        where = ".".join(walked) or "the config"
+        close = difflib.get_close_matches(part, keys, n=2)
+        hint = f"; did you mean {' or '.join('.'.join(walked + [c]) for c in close)}?" \
+            if close else f"; {where} has: {', '.join(sorted(keys))}"
+        return f"--config.{dotted}: {where} has no field {part!r}{hint}"
+      node, walked = node[part], walked + [part]
+  return None
+
+
 def _parse(argv):
   """Parses flags; any problem with them becomes a ConfigError with one line."""
   argv = _bare_sweep(argv)
+  spec = _config_arg(argv)
+  if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+    raise ConfigError(f"config file {spec.partition(':')[0]} not found; pass an existing "
+                      "file, e.g. --config configs/default.py")
   fl = _define_flags(argv)
   try:
     fl(argv)
   except flags.Error as e:
     raise ConfigError(_flag_error_message(str(e))) from None
+  except (AttributeError, KeyError) as e:
+    message = _unknown_field_message(argv) if spec else None
+    raise ConfigError(message or f"bad --config override: {e}") from None
   if fl["config"].value is None:
     raise ConfigError("--config is required, e.g. --config configs/default.py")
   if not fl.workdir:
