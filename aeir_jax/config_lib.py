@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from aeir_jax.data import protocols
 from aeir_jax.errors import ConfigError
 
 TRANSFER_VARIANTS = {
@@ -18,6 +19,7 @@ TRANSFER_VARIANTS = {
     "structural_only": (0.0, 1.0),
     "oracle": (0.0, 0.0),
 }
+EVAL_SPLITS = ("target_test", "target_dev", "source_test")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -42,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.model = ml_collections.ConfigDict()
-  c.model.embed_dim = 128
+  c.model.embed_dim = 64
   c.model.word_dim = 64
   c.model.text_dropout = 0.1
   c.model.similarity = "cosine"   # cosine (dual encoder) | saf | sgr
@@ -51,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_dropout = 0.4
   c.model.compute_dtype = "float32"  # or bfloat16 (params, similarities and ranks stay fp32)
   c.model.remat_text = False
+  # gru: token ids of our vocabulary | features: precomputed caption fragments (linear +
+  # l2norm) | minilm: the pretrained all-MiniLM-L6-v2 over its WordPiece ids
+  c.model.text_encoder = "gru"
+  c.model.text_frozen = False    # minilm only: keep the pretrained weights fixed
   c.model.disc_hidden = (256, 64)
   c.model.disc_init = "reference"    # reference: N(0, disc_init_std) | default
   c.model.disc_init_std = 0.01
@@ -70,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.pad_zero_candidate = False  # reference: padded words are cos-0 max candidates
   c.loss.disc_pool_caption = "masked_mean"  # | padded_mean (reference)
   c.loss.disc_grad_mode = "clean"  # clean | reference (method.md 6.2)
+  # Structural loss: target items per block of its [Bt, F1, Bs, F2] cosines (0: all at once).
+  # Blocks bound its memory at large batch and keep it in cache on CPU; values are the same.
+  c.loss.struct_chunk = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4
@@ -94,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.splits = ("target_test", "source_test")
+  # Per split: named protocols of aeir_jax.data.protocols.STANDARD (e.g. ("coco_5fold1k",
+  # "coco_5k")), whose metrics get the protocol's prefix (coco_5fold1k/rsum); empty: the whole
+  # matrix under the split's own name (target_test/rsum).
+  c.eval.protocols = ml_collections.ConfigDict({name: () for name in EVAL_SPLITS})
   c.eval.batch_size = 250
   c.eval.at_start = True
   c.eval.embed_samples = 200      # images (and their captions) per domain saved for plots
@@ -141,6 +154,11 @@ def apply_smoke(config):
     s = config.data.synthetic
     s.source_train, s.target_train, s.target_dev = 80, 80, 20
     s.target_test, s.source_test = 20, 20
+  if config.data.name == "scan":
+    fake = config.data.scan.fake
+    fake.train_images, fake.test_images, fake.regions, fake.dim = 40, 10, 6, 32
+    config.data.scan.vocab_path = ""
+    config.data.scan.max_len = min(config.data.scan.max_len, 16)
   config.data.source_batch = min(config.data.source_batch, 16)
   config.data.target_batch = min(config.data.target_batch, 16)
   config.model.embed_dim = min(config.model.embed_dim, 32)
@@ -155,17 +173,9 @@ def apply_smoke(config):
   config.train.progress = False
 
 
-def ablation_sweep(seeds=(0, 1, 2)):
-  """Full AEIR and its ablations, each over seeds; the oracle as a reference point."""
-  points = []
-  for variant in ("aeir", "semantic_only", "structural_only", "source_only", "oracle"):
-    for seed in seeds:
-      points.append({"arg": f"{variant},seed={seed}"})
-  return points
-
-
 _CHOICES = {
     "model.similarity": ("cosine", "saf", "sgr"),
+    "model.text_encoder": ("gru", "features", "minilm"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.disc_init": ("reference", "default"),
     "loss.triplet_reduction": ("sum", "mean"),
@@ -184,7 +194,7 @@ _POSITIVE = ("data.source_batch", "data.target_batch", "model.embed_dim", "loss.
 # Fields that may change between a run and its resumption (they do not change the state).
 RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.eval_every",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.progress",
-                    "train.on_nonfinite", "eval.")
+                    "train.on_nonfinite", "eval.", "loss.struct_chunk")
 
 
 def _get(config, dotted):
@@ -209,17 +219,37 @@ def validate(config):
   for field in ("loss.adv_weight", "loss.struct_weight", "loss.triplet_weight"):
     if _get(config, field) < 0:
       raise ConfigError(f"{field} must be >= 0 (0 switches the loss off)")
+  chunk = config.loss.struct_chunk
+  if chunk < 0 or (chunk and config.data.target_batch % chunk):
+    raise ConfigError(f"loss.struct_chunk={chunk} must be 0 or divide data.target_batch="
+                      f"{config.data.target_batch}; set it to a divisor (e.g. 8) or 0")
   if config.loss.k > config.data.source_batch:
     raise ConfigError(f"loss.k={config.loss.k} is larger than data.source_batch="
                       f"{config.data.source_batch}: the top-K neighbours come from the source "
                       "batch; lower loss.k or raise data.source_batch")
+  if config.model.text_frozen and config.model.text_encoder != "minilm":
+    raise ConfigError(f"model.text_frozen=True only applies to model.text_encoder='minilm', "
+                      f"not {config.model.text_encoder!r}; drop it or set "
+                      "--config.model.text_encoder=minilm")
   unknown = [s for s in config.eval.splits if s not in EVAL_SPLITS]
   if unknown:
     raise ConfigError(f"eval.splits has unknown split(s) {unknown}; known: "
                       f"{', '.join(EVAL_SPLITS)}")
+  for name in EVAL_SPLITS:
+    bad = [p for p in config.eval.protocols[name] if p not in protocols.STANDARD]
+    if bad:
+      raise ConfigError(f"eval.protocols.{name} has unknown protocol(s) {bad}; known: "
+                        f"{', '.join(protocols.STANDARD)}")
 
 
-EVAL_SPLITS = ("target_test", "target_dev", "source_test")
+def eval_prefixes(config, name):
+  """Metric key prefixes of evaluation split `name`: its protocols, or the split name."""
+  return tuple(config.eval.protocols[name]) or (name,)
+
+
+def result_prefixes(config, names):
+  """Metric key prefixes of the evaluation splits `names`, in order (for results tables)."""
+  return [prefix for name in names for prefix in eval_prefixes(config, name)]
 
 
 def eval_splits(config, data):
@@ -230,7 +260,24 @@ def eval_splits(config, data):
 
 
 def validate_with_data(config, data):
-  """Checks that need the data: batch sizes against split sizes."""
+  """Checks that need the data: the text encoder against the caption format, batch sizes
+  against split sizes."""
+  encoder = config.model.text_encoder
+  if data.caption_dim and encoder != "features":
+    raise ConfigError(f"data.name={config.data.name!r} gives precomputed caption features "
+                      f"(dim {data.caption_dim}), which model.text_encoder={encoder!r} cannot "
+                      "read; set --config.model.text_encoder=features")
+  if not data.caption_dim and encoder == "features":
+    raise ConfigError(f"model.text_encoder='features' needs precomputed caption features but "
+                      f"data.name={config.data.name!r} gives token ids; set "
+                      "--config.model.text_encoder=gru (or minilm)")
+  if encoder == "minilm":
+    from aeir_jax.models.minilm import MiniLM  # pylint: disable=g-import-not-at-top
+    if data.vocab_size != MiniLM.vocab_size:
+      raise ConfigError(f"model.text_encoder='minilm' reads MiniLM WordPiece ids (vocabulary "
+                        f"{MiniLM.vocab_size}), but data.name={config.data.name!r} has a "
+                        f"vocabulary of {data.vocab_size}; use a data source that tokenizes "
+                        "for MiniLM (e.g. flickr8k with features='tokens') or text_encoder=gru")
   for field, split in (("data.source_batch", data.source.train),
                        ("data.target_batch", data.target.train)):
     if _get(config, field) > split.num_captions:
@@ -242,6 +289,11 @@ def validate_with_data(config, data):
     if split is None:
       raise ConfigError(f"eval.splits names {name!r} but data.name={config.data.name!r} has no "
                         "such split; remove it from eval.splits")
+    folds = [p for p in config.eval.protocols[name] if protocols.STANDARD[p] == "fold5"]
+    if folds and split.num_images % 5:
+      raise ConfigError(f"eval.protocols.{name}={folds[0]!r} cuts the split into 5 folds, but "
+                        f"{split.name or name} has {split.num_images} images (not a multiple "
+                        f"of 5); drop it from eval.protocols.{name}")
 
 
 def _flatten(d, prefix=""):
