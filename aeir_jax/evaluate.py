@@ -3,18 +3,29 @@
 Images and captions are encoded in fixed-size jitted batches (the last one padded, so one
 compilation serves every batch). The score matrix `[N_images, N_captions]` is assembled on
 the host in fp32 block by block (a 5,000 x 25,000 evaluation is 500 MB of host memory, never
-a device buffer of that size), then ranked by `aeir_jax.data.protocols.retrieval_metrics`
-(SCAN/VSE++ protocol: i2t ranks the best of an image's 5 captions).
+a device buffer of that size), then ranked by `aeir_jax.data.protocols` (SCAN/VSE++ protocol:
+i2t ranks the best of an image's 5 captions), over the whole matrix or by named protocols
+(`f30k_1k`, `coco_5k`, `coco_5fold1k`).
+
+Eval-only entry point (e.g. a stage-0 source model on the target, without adaptation):
+
+    python -m aeir_jax.evaluate --config configs/aecr_reference.py:f30k2coco \
+        --init_from runs/sgraf_f30k [--workdir runs/no_adaptation_f30k2coco]
 """
 
 from __future__ import annotations
+
+import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from aeir_jax.data.base import RetrievalSplit
-from aeir_jax.data.protocols import retrieval_metrics
+from aeir_jax.data.protocols import STANDARD, protocol_metrics
+from aeir_jax.errors import ConfigError, UserError, WorkdirError
 from aeir_jax.models.similarity import pooled_caption, pooled_image
 
 
@@ -69,27 +80,41 @@ class Evaluator:
     return cat(imgs), cat(caps)
 
   def scores(self, variables, split: RetrievalSplit) -> np.ndarray:
-    """All-pairs scores `[N_images, N_captions]` float32 on the host."""
-    img, cap = self.encode(variables, split)
+    """All-pairs scores `[N_images, N_captions]` float32 on the host.
+
+    The images are encoded once and stay on the device; captions are encoded one batch at a
+    time and scored against every image batch, and each `[N_images, batch]` column of scores
+    is fetched at once. So the caption fragments of a whole split (5 GB for COCO's 25,000
+    captions at L = 50, E = 1024) never exist at once, on the host or on the device.
+    """
     n_img, n_cap = split.num_images, split.num_captions
+    images = [self._enc_img(variables, self._put(np.asarray(split.images[padded], np.float32)))
+              for _, padded in _padded_batches(n_img, self.batch_size)]
     out = np.empty((n_img, n_cap), np.float32)
-    b = self.batch_size
-    for i_idx, i_pad in _padded_batches(n_img, b):
-      for c_idx, c_pad in _padded_batches(n_cap, b):
-        if self.dual:
-          block = self._dot(self._put(img[i_pad]), self._put(cap[c_pad]))
-        else:
-          block = self._score(variables, self._put(img[i_pad]), self._put(cap[0][c_pad]),
-                              self._put(cap[1][c_pad]))
-        out[i_idx[0]:i_idx[-1] + 1, c_idx[0]:c_idx[-1] + 1] = \
-            np.asarray(block)[:len(i_idx), :len(c_idx)]
+    for c_idx, c_pad in _padded_batches(n_cap, self.batch_size):
+      cap = self._enc_cap(variables, self._put(np.asarray(split.captions[c_pad])),
+                          self._put(np.asarray(split.lengths[c_pad], np.int32)))
+      if self.dual:
+        column = [self._dot(img, cap) for img in images]
+      else:
+        column = [self._score(variables, img, cap[0], cap[1]) for img in images]
+      out[:, c_idx[0]:c_idx[-1] + 1] = np.asarray(jnp.concatenate(column))[:n_img, :len(c_idx)]
     return out
 
-  def evaluate(self, variables, split: RetrievalSplit, prefix: str, return_scores=False):
-    """Metrics `{prefix}/{metric}`; with `return_scores` also the score matrix."""
+  def evaluate(self, variables, split: RetrievalSplit, prefix: str, return_scores=False,
+               protocols=()):
+    """Metrics of the split's score matrix; with `return_scores` also the matrix.
+
+    Without `protocols` the keys are `{prefix}/{metric}` over the whole matrix; with
+    `protocols` (names of `aeir_jax.data.protocols.STANDARD`, e.g. `("coco_5fold1k",
+    "coco_5k")`) they are `{protocol}/{metric}` for each, e.g. `coco_5fold1k/rsum`.
+    """
     sims = self.scores(variables, split)
-    metrics = retrieval_metrics(sims, split.captions_per_image)
-    metrics = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+    named = {name: STANDARD[name] for name in protocols} or {prefix: "full"}
+    metrics = {}
+    for name, protocol in named.items():
+      metrics.update(protocol_metrics(sims, protocol, name, split.captions_per_image))
+    metrics = {k: float(v) for k, v in metrics.items()}
     return (metrics, sims) if return_scores else metrics
 
 
@@ -125,3 +150,91 @@ def retrieval_examples(sims: np.ndarray, split: RetrievalSplit, num_queries=8, t
                 "results": [{"caption_index": int(c), "caption": texts[c],
                              "correct": bool(c // cpi == i)} for c in order]})
   return {"split": split.name, "text_to_image": t2i, "image_to_text": i2t}
+
+
+def evaluate_checkpoint(config, init_from: str = "", workdir: str = "", devices=None) -> dict:
+  """Scores the config's evaluation splits with saved encoder params, without training.
+
+  For baselines such as a stage-0 source model on the target test protocols without any
+  adaptation. Prints the same results table as a training run.
+
+  Args:
+    config: a run config (data, model and `eval.*` are read; nothing is trained).
+    init_from: a params checkpoint (`checkpoints.save_params`, `tools.import_torch`) or a
+      finished workdir; default `config.train.init_from`.
+    workdir: if set, `config.json` and `results.json` are written there.
+    devices: the mesh's devices (default all).
+
+  Returns:
+    `{'step': 0, 'variant': 'no_adaptation', 'seed', 'init_from', <metric keys>}`.
+  """
+  # Imported here: train imports this module.
+  from aeir_jax import artifacts, checkpoints, config_lib, parallel  # pylint: disable=g-import-not-at-top
+  from aeir_jax.data import load_data  # pylint: disable=g-import-not-at-top
+  from aeir_jax.logging_lib import format_results_table  # pylint: disable=g-import-not-at-top
+  from aeir_jax.train import build_models  # pylint: disable=g-import-not-at-top
+  init_from = init_from or config.train.init_from
+  if not init_from:
+    raise ConfigError("nothing to evaluate: pass --init_from (a params checkpoint or a "
+                      "finished workdir) or set --config.train.init_from")
+  config_lib.validate(config)
+  data = load_data(config)
+  config_lib.validate_with_data(config, data)
+  model, _ = build_models(config, data)
+  split = data.source.train
+  dummy = (np.zeros((2,) + split.images.shape[1:], np.float32),
+           np.zeros((2,) + split.captions.shape[1:], split.captions.dtype),
+           np.full((2,), 2, np.int32))
+  key = jax.random.PRNGKey(0)
+  abstract = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, *dummy))
+  loaded = checkpoints.load_params(init_from)
+  for collection, target in abstract.items():
+    if collection not in loaded or not checkpoints.tree_shapes_match(loaded[collection], target):
+      raise WorkdirError(f"init_from {init_from}: its {collection} are missing or have other "
+                         "shapes than this config's model; check model dims, similarity head "
+                         "and vocabulary size")
+  mesh = parallel.make_mesh(devices)
+  repl = parallel.replicated(mesh)
+  variables = jax.device_put({k: loaded[k] for k in abstract}, repl)
+  evaluator = Evaluator(model, config.eval.batch_size, parallel.data_sharding(mesh), repl)
+  splits = config_lib.eval_splits(config, data)
+  results = {"step": 0, "variant": "no_adaptation", "seed": config.seed,
+             "init_from": os.path.abspath(init_from)}
+  for name, eval_split in splits.items():
+    results.update(evaluator.evaluate(variables, eval_split, name,
+                                      protocols=config.eval.protocols[name]))
+  if jax.process_index() == 0:
+    if workdir:
+      artifacts.write_json(workdir, "config.json", json.loads(config.to_json()))
+      artifacts.write_json(workdir, "results.json", results)
+    print(format_results_table(results, config_lib.result_prefixes(config, splits)), flush=True)
+  return results
+
+
+def main(argv) -> int:
+  """`python -m aeir_jax.evaluate --config FILE[:arg] [--init_from DIR] [--workdir DIR]`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  fl = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.",
+                                  flag_values=fl, lock_config=True)
+  flags.DEFINE_string("init_from", "", "Params checkpoint or finished workdir to evaluate "
+                      "(default: the config's train.init_from).", flag_values=fl)
+  flags.DEFINE_string("workdir", "", "Optional directory for config.json and results.json.",
+                      flag_values=fl)
+  try:
+    try:
+      fl(argv)
+    except flags.Error as e:
+      raise ConfigError(" ".join(str(e).split())) from None
+    if fl["config"].value is None:
+      raise ConfigError("--config is required, e.g. --config configs/aecr_reference.py")
+    evaluate_checkpoint(fl.config, fl.init_from, fl.workdir)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
