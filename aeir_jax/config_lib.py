@@ -76,9 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.pad_zero_candidate = False  # reference: padded words are cos-0 max candidates
   c.loss.disc_pool_caption = "masked_mean"  # | padded_mean (reference)
   c.loss.disc_grad_mode = "clean"  # clean | reference (method.md 6.2)
-  # Structural loss: target items per block of its [Bt, F1, Bs, F2] cosines (0: all at once).
-  # Blocks bound its memory at large batch and keep it in cache on CPU; values are the same.
-  c.loss.struct_chunk = 0
+  # Structural loss: its [Bt, F1, Bs, F2] cosines in blocks of target items of at most this
+  # many MB per device (0: all at once). Bounds memory at large batch and keeps a CPU's blocks
+  # in cache (4 MB: 3x faster at batch 512 than one block); on accelerators raise it.
+  c.loss.struct_block_mb = 4.0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4
@@ -111,6 +112,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.at_start = True
   c.eval.embed_samples = 200      # images (and their captions) per domain saved for plots
   return c
+
+
+def override(config, fields: dict):
+  """Sets dotted fields (`{"loss.tau": 1.0}`) on a copy-free, possibly locked config."""
+  with config.unlocked():
+    for dotted, value in fields.items():
+      *parents, leaf = dotted.split(".")
+      node = config
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = value
+  return config
 
 
 def parse_arg(arg: str, known_keys=()):
@@ -194,7 +207,7 @@ _POSITIVE = ("data.source_batch", "data.target_batch", "model.embed_dim", "loss.
 # Fields that may change between a run and its resumption (they do not change the state).
 RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.eval_every",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.progress",
-                    "train.on_nonfinite", "eval.", "loss.struct_chunk")
+                    "train.on_nonfinite", "eval.", "loss.struct_block_mb")
 
 
 def _get(config, dotted):
@@ -219,10 +232,9 @@ def validate(config):
   for field in ("loss.adv_weight", "loss.struct_weight", "loss.triplet_weight"):
     if _get(config, field) < 0:
       raise ConfigError(f"{field} must be >= 0 (0 switches the loss off)")
-  chunk = config.loss.struct_chunk
-  if chunk < 0 or (chunk and config.data.target_batch % chunk):
-    raise ConfigError(f"loss.struct_chunk={chunk} must be 0 or divide data.target_batch="
-                      f"{config.data.target_batch}; set it to a divisor (e.g. 8) or 0")
+  if config.loss.struct_block_mb < 0:
+    raise ConfigError(f"loss.struct_block_mb={config.loss.struct_block_mb} must be >= 0 (0: "
+                      "the structural loss in one block)")
   if config.loss.k > config.data.source_batch:
     raise ConfigError(f"loss.k={config.loss.k} is larger than data.source_batch="
                       f"{config.data.source_batch}: the top-K neighbours come from the source "

@@ -8,6 +8,8 @@ batch, whatever the device count.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -21,17 +23,8 @@ def _unit(x):
   return x / jnp.maximum(safe_norm(x), _EPS)
 
 
-def _aggregate_phi(cos, mask_x, mask_y, agg, pad_zero_candidate):
-  """phi from cosines `cos [..., Fx, Fy]`: max over x-fragments, then sum/mean over y.
-
-  mask_x `[..., Fx]`, mask_y `[..., Fy]` broadcast against `cos`. With `pad_zero_candidate`
-  padded x-fragments take part in the max with cosine 0, as the reference's zero vectors do.
-  """
-  if pad_zero_candidate:
-    cos = jnp.where(mask_x[..., :, None], cos, 0.0)
-  else:
-    cos = jnp.where(mask_x[..., :, None], cos, -jnp.inf)
-  best = cos.max(axis=-2)                                   # [..., Fy]
+def _aggregate(best, mask_y, agg):
+  """phi from the best cosine per y-fragment `best [..., Fy]`: sum or mean over real ones."""
   best = jnp.where(mask_y, best, 0.0)
   total = best.sum(axis=-1)
   if agg == "sum":
@@ -41,17 +34,86 @@ def _aggregate_phi(cos, mask_x, mask_y, agg, pad_zero_candidate):
   raise ValueError(f"unknown fragment aggregation {agg!r}; use 'sum' or 'mean'")
 
 
-def frag_sim(x, mask_x, y, mask_y, agg="sum", pad_zero_candidate=False):
+def _masked_cosines(x_unit, mask_x, y_unit_t, fill):
+  """`[A, Fx, D] x [D, N] -> [A, Fx, N]`, `fill` at padded x-fragments (one matmul)."""
+  cos = jnp.einsum("ard,dn->arn", x_unit, y_unit_t)
+  return jnp.where(mask_x[..., None], cos, fill)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _best_cosine(x_unit, mask_x, y_unit_t, fill):
+  """max over x-fragments: `x_unit [A, Fx, D]`, `mask_x [A, Fx]`, `y_unit_t [D, N] -> [A, N]`.
+
+  The gradient goes to the first maximal x-fragment (PyTorch's `max(dim)` rule; autodiff of
+  `max` would split it between exact ties). It is written by hand so that neither pass
+  materialises more than the `[A, Fx, N]` cosines in the matmul's own layout.
+  """
+  return _masked_cosines(x_unit, mask_x, y_unit_t, fill).max(axis=1)
+
+
+def _best_cosine_fwd(x_unit, mask_x, y_unit_t, fill):
+  cos = _masked_cosines(x_unit, mask_x, y_unit_t, fill)
+  best_x = jnp.argmax(cos, axis=1)                                            # [A, N]
+  best = jnp.take_along_axis(cos, best_x[:, None], axis=1)[:, 0]
+  return best, (x_unit, mask_x, y_unit_t, best_x)
+
+
+def _best_cosine_bwd(fill, residuals, grad):
+  del fill
+  x_unit, mask_x, y_unit_t, best_x = residuals
+  hit = jnp.arange(x_unit.shape[1])[None, :, None] == best_x[:, None, :]      # [A, Fx, N]
+  grad_cos = jnp.where(hit & mask_x[..., None], grad[:, None, :], 0.0)
+  return (jnp.einsum("arn,dn->ard", grad_cos, y_unit_t), None,
+          jnp.einsum("arn,ard->dn", grad_cos, x_unit))
+
+
+_best_cosine.defvjp(_best_cosine_fwd, _best_cosine_bwd)
+
+
+def _best_cosine_in_blocks(x_unit, mask_x, y_unit_t, fill, block_bytes, shards):
+  """`_best_cosine` over blocks of x-items, one block after another.
+
+  With the A x-items sharded in `shards` equal contiguous parts (the mesh's `data` axis),
+  each block takes c items of every shard, c the largest divisor of A / shards whose
+  `[c, Fx, N]` float32 cosines fit in `block_bytes`, so every device computes its own rows
+  and only one block's cosines exist at a time. `block_bytes` 0, or all fit: one block.
+  """
+  a, fx, _ = x_unit.shape
+  per_shard = a // shards
+  row_bytes = fx * y_unit_t.shape[1] * 4
+  if not block_bytes or per_shard * row_bytes <= block_bytes:
+    return _best_cosine(x_unit, mask_x, y_unit_t, fill)
+  fit = max(1, block_bytes // row_bytes)
+  c = max(d for d in range(1, fit + 1) if per_shard % d == 0)
+  m = per_shard // c
+  # Block j holds items j, j + m, j + 2m, ...: c consecutive ones of them in every shard.
+  blocks = lambda t: jnp.swapaxes(t.reshape((c * shards, m) + t.shape[1:]), 0, 1)
+  best = jax.lax.map(lambda xs: _best_cosine(xs[0], xs[1], y_unit_t, fill),
+                     (blocks(x_unit), blocks(mask_x)))                        # [m, c*shards, N]
+  return jnp.swapaxes(best, 0, 1).reshape(a, -1)
+
+
+def frag_sim(x, mask_x, y, mask_y, agg="sum", pad_zero_candidate=False, block_bytes=0,
+             shards=1):
   """Fragment similarity phi(X_a, Y_b) = agg_{y in Y_b} max_{x in X_a} cos(x, y).
+
+  With `pad_zero_candidate` padded x-fragments take part in the max with cosine 0, as the
+  reference's zero vectors do.
 
   Args:
     x: `[A, Fx, D]` fragments, mask_x `[A, Fx]` bool.
     y: `[B, Fy, D]` fragments, mask_y `[B, Fy]` bool.
+    block_bytes: compute the `[A, Fx, B, Fy]` cosines in blocks of x-items of at most this
+      many bytes per shard (0: all at once), `shards` the number of equal parts A is
+      sharded in. Blocks change no value beyond float rounding.
   Returns:
     `[A, B]`; asymmetric (max over the first argument's fragments).
   """
-  cos = jnp.einsum("ard,bwd->abrw", _unit(x), _unit(y))
-  return _aggregate_phi(cos, mask_x[:, None, :], mask_y[None, :, :], agg, pad_zero_candidate)
+  b, fy, d = y.shape
+  y_unit_t = _unit(y).reshape(b * fy, d).T
+  fill = 0.0 if pad_zero_candidate else -jnp.inf
+  best = _best_cosine_in_blocks(_unit(x), mask_x, y_unit_t, fill, block_bytes, shards)
+  return _aggregate(best.reshape(-1, b, fy), mask_y[None], agg)
 
 
 def frag_sim_gathered(x, mask_x, y, mask_y, agg="sum", pad_zero_candidate=False):
@@ -64,12 +126,14 @@ def frag_sim_gathered(x, mask_x, y, mask_y, agg="sum", pad_zero_candidate=False)
     `[A, K]`.
   """
   cos = jnp.einsum("ard,akwd->akrw", _unit(x), _unit(y))
-  return _aggregate_phi(cos, mask_x[:, None, :], mask_y, agg, pad_zero_candidate)
+  fill = 0.0 if pad_zero_candidate else -jnp.inf
+  best = jnp.where(mask_x[:, None, :, None], cos, fill).max(axis=-2)         # [A, K, Fy]
+  return _aggregate(best, mask_y, agg)
 
 
 def structural_loss_one_way(tgt, tgt_mask, src, src_mask, src_partner, src_partner_mask, *,
                             k, tau, reduction="sum", detach_p=False, agg="sum",
-                            pad_zero_candidate=False):
+                            pad_zero_candidate=False, block_bytes=0, shards=1):
   """Structural transfer from modality m1 to m2 (method.md section 5).
 
   Each target item's similarity distribution over its top-K same-modality source neighbours
@@ -84,10 +148,14 @@ def structural_loss_one_way(tgt, tgt_mask, src, src_mask, src_partner, src_partn
     tau: softmax temperature.
     reduction: "sum" over the batch (reference) or "mean".
     detach_p: stop the gradient through P.
+    block_bytes, shards: compute the `[Bt, F1, Bs, F1']` cosines in blocks of at most
+      `block_bytes` per shard of the batch (0: all at once); bounds memory at large batch
+      (see `frag_sim`).
   Returns:
     scalar KL(P || Q).
   """
-  sim = frag_sim(tgt, tgt_mask, src, src_mask, agg, pad_zero_candidate)        # [Bt, Bs]
+  sim = frag_sim(tgt, tgt_mask, src, src_mask, agg, pad_zero_candidate, block_bytes,
+                 shards)                                                      # [Bt, Bs]
   a, idx = jax.lax.top_k(sim, k)                                              # [Bt, K]
   partners = jnp.take(src_partner, idx, axis=0)                               # [Bt,K,F2,D]
   partner_mask = jnp.take(src_partner_mask, idx, axis=0)                      # [Bt,K,F2]

@@ -114,8 +114,11 @@ def _clip(grads, config):
   return clipped, norms
 
 
-def make_loss_fn(config, model, discs):
+def make_loss_fn(config, model, discs, num_devices=1):
   """Returns loss_fn(params, model_state, batch, rng) -> (objective, (metrics, model_state)).
+
+  `num_devices`: how many devices the batch is sharded over (lays out the structural loss's
+  blocks, `loss.struct_block_mb`).
 
   The objective is L_enc(theta_E) + L_D(theta_D) arranged so that one gradient gives each
   player its own gradient: the discriminator loss sees stop-gradient features, and in `clean`
@@ -174,7 +177,8 @@ def make_loss_fn(config, model, discs):
     s_i2c, s_c2i = losses.structural_loss(
         tgt_img, tgt_cap, tgt_mask, src_img, src_cap, src_mask, k=lc.k, tau=lc.tau,
         reduction=lc.kl_reduction, detach_p=lc.detach_p, agg=lc.frag_agg,
-        pad_zero_candidate=lc.pad_zero_candidate)
+        pad_zero_candidate=lc.pad_zero_candidate,
+        block_bytes=int(lc.struct_block_mb * 2 ** 20), shards=num_devices)
 
     enc_objective = (lc.triplet_weight * l_trip + lc.adv_weight * (adv_img + adv_cap)
                      + lc.struct_weight * (s_i2c + s_c2i))
@@ -191,9 +195,9 @@ def make_loss_fn(config, model, discs):
   return loss_fn
 
 
-def make_train_step(config, model, discs, txs):
+def make_train_step(config, model, discs, txs, num_devices=1):
   """Returns the pure step `(state, batch) -> (state, metrics)` (not yet jitted)."""
-  loss_fn = make_loss_fn(config, model, discs)
+  loss_fn = make_loss_fn(config, model, discs, num_devices)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
@@ -384,7 +388,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
       out[name] = gather(split, img_idx, cap_idx)
     return out
 
-  step_fn = jax.jit(make_train_step(config, model, discs, txs), donate_argnums=0)
+  step_fn = jax.jit(make_train_step(config, model, discs, txs, mesh.devices.size),
+                    donate_argnums=0)
   evaluator = Evaluator(model, config.eval.batch_size, batch_sharding, repl)
   eval_splits = config_lib.eval_splits(config, data)
   # A resumed run rewrites its logs up to the restored step, so they match an uninterrupted run.
@@ -394,17 +399,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
     variables = {"params": state["params"]["enc"], **state["model_state"]}
     out = {}
     for name, split in eval_splits.items():
-      metrics, sims = evaluator.evaluate(variables, split, name, return_scores=True)
+      metrics, sims = evaluator.evaluate(variables, split, name, return_scores=True,
+                                         protocols=config.eval.protocols[name])
       out.update(metrics)
       if final and is_main:
         artifacts.write_json(workdir, f"retrieval/{name}.json",
                              retrieval_examples(sims, split))
     writer.write(step, out, kind="eval")
+    # Every process runs the encoders (one SPMD program over the mesh); process 0 writes.
+    embeddings = {}
+    for domain, split in (("source", data.source.test), ("target", data.target.test)):
+      img, cap = pooled_embeddings(evaluator, variables, split, config.eval.embed_samples)
+      embeddings[f"image_{domain}"], embeddings[f"caption_{domain}"] = img, cap
     if is_main:
-      embeddings = {}
-      for domain, split in (("source", data.source.test), ("target", data.target.test)):
-        img, cap = pooled_embeddings(evaluator, variables, split, config.eval.embed_samples)
-        embeddings[f"image_{domain}"], embeddings[f"caption_{domain}"] = img, cap
       artifacts.write_npz(workdir, f"embeddings/step_{step}.npz", embeddings)
     # Kept in the checkpoint's meta: a run resumed after its last step still has them.
     meta["eval_metrics"] = out
@@ -430,15 +437,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
     with _Preemption() as preempt:
       for step in range(start, num_steps):
         _, host_batch = prefetch.get()
-        batch = parallel.to_global(host_batch, batch_sharding)
-        state, metrics = step_fn(state, batch)
+        # Steps only dispatch: any implicit host<->device copy here is a bug, and fails.
+        with jax.transfer_guard("disallow"):
+          batch = parallel.to_global(host_batch, batch_sharding)
+          state, metrics = step_fn(state, batch)
         done = step + 1
         meta["examples_seen"] += pairs_per_step
         n_last += 1
         if progress is not None:
           progress.update(1)
         if done % config.train.log_every == 0 or done == num_steps:
-          host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          host_metrics, nonfinite = jax.device_get((metrics, state["nonfinite_steps"]))
+          host = {k: float(v) for k, v in host_metrics.items()}
           elapsed = time.time() - t_last
           meta["train_seconds"] += elapsed
           writer.write(done, host, kind="train")
@@ -447,7 +457,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
           if progress is not None:
             progress.set_postfix(loss=f"{host['loss/encoder']:.3f}",
                                  pairs_s=f"{n_last * pairs_per_step / max(elapsed, 1e-9):.0f}")
-          nonfinite = int(state["nonfinite_steps"])
+          nonfinite = int(nonfinite)
           if nonfinite > nonfinite_seen:
             writer.write(done, {"nonfinite_steps": nonfinite}, kind="event")
             print(f"warning: {nonfinite - nonfinite_seen} step(s) up to step {done} had a "
@@ -486,7 +496,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
              **meta["eval_metrics"]}
   if is_main:
     artifacts.write_json(workdir, "results.json", results)
-    print(format_results_table(results, list(eval_splits)), flush=True)
+    print(format_results_table(results, config_lib.result_prefixes(config, eval_splits)),
+          flush=True)
   return results
 
 

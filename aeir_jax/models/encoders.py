@@ -6,6 +6,7 @@ similarity heads, the discriminators and the structural loss all work on fragmen
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -21,6 +22,10 @@ def safe_norm(x, axis=-1, keepdims=True):
 def l2norm(x, axis=-1, eps=1e-8):
   """x / (||x|| + eps) along `axis` (the reference's l2norm, zero vectors stay zero)."""
   return x / (safe_norm(x, axis) + eps)
+
+
+# Matmuls in the compute dtype (e.g. bfloat16) accumulate and return float32.
+f32_dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
 
 def uniform_symmetric(bound):
@@ -40,7 +45,7 @@ def xavier_uniform_torch(fan_in, fan_out):
 class ImageEncoder(nn.Module):
   """Per-region linear projection + l2norm.
 
-  `[B, R, D_img] -> [B, R, E]`.
+  `[B, R, D_img] -> [B, R, E]` float32; the projection runs in `dtype` with float32 params.
   """
 
   embed_dim: int
@@ -49,7 +54,7 @@ class ImageEncoder(nn.Module):
   @nn.compact
   def __call__(self, regions):
     d_in = regions.shape[-1]
-    x = nn.Dense(self.embed_dim, dtype=self.dtype, name="fc",
+    x = nn.Dense(self.embed_dim, dtype=self.dtype, name="fc", dot_general=f32_dot_general,
                  kernel_init=xavier_uniform_torch(d_in, self.embed_dim),
                  bias_init=nn.initializers.zeros)(regions)
     return l2norm(x.astype(jnp.float32))
@@ -60,7 +65,9 @@ class GRU(nn.Module):
 
   `__call__(inputs [B, L, W], mask [B, L]) -> [B, L, H]`; the state is carried unchanged
   over padded steps, which only ever follow the real ones (reverse the input first for the
-  backward direction). Outputs at padded steps are zero.
+  backward direction). Outputs at padded steps are zero. Both matmuls run in `dtype` and
+  accumulate in float32; the state and the gates are float32. `remat` recomputes each step's
+  activations in the backward pass instead of storing them.
   """
 
   hidden: int
@@ -79,13 +86,13 @@ class GRU(nn.Module):
 
     # Input projections for every step at once; only h @ W_hh is sequential.
     x_proj = jnp.einsum("blw,wg->blg", inputs.astype(self.dtype),
-                        input_kernel.astype(self.dtype)).astype(jnp.float32)
+                        input_kernel.astype(self.dtype), preferred_element_type=jnp.float32)
     x_proj = x_proj + input_bias
 
     def step(h, xs):
       xp, m = xs
-      hp = jnp.dot(h.astype(self.dtype),
-                   hidden_kernel.astype(self.dtype)).astype(jnp.float32) + hidden_bias
+      hp = jnp.dot(h.astype(self.dtype), hidden_kernel.astype(self.dtype),
+                   preferred_element_type=jnp.float32) + hidden_bias
       xr, xz, xn = jnp.split(xp, 3, axis=-1)
       hr, hz, hn = jnp.split(hp, 3, axis=-1)
       r = jax.nn.sigmoid(xr + hr)
@@ -151,7 +158,7 @@ class FeatureTextEncoder(nn.Module):
     del train
     mask = jnp.arange(fragments.shape[1])[None, :] < lengths[:, None]
     d_in = fragments.shape[-1]
-    x = nn.Dense(self.embed_dim, dtype=self.dtype, name="fc",
+    x = nn.Dense(self.embed_dim, dtype=self.dtype, name="fc", dot_general=f32_dot_general,
                  kernel_init=xavier_uniform_torch(d_in, self.embed_dim),
                  bias_init=nn.initializers.zeros)(fragments)
     return l2norm(x.astype(jnp.float32)) * mask[..., None]
