@@ -25,6 +25,12 @@ def _define_flags(argv):
                                   flag_values=fl, lock_config=True, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results (with "
                       "--sweep: the sweep's root, one subdirectory per point).", flag_values=fl)
+  flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
+                      "(default: $JAX_COORDINATOR_ADDRESS or auto-detected on TPU/SLURM).",
+                      flag_values=fl)
+  flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.",
+                       flag_values=fl)
+  flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.", flag_values=fl)
   flags.DEFINE_string("sweep", None, "Run the named sweep of the config file's sweep(name); "
                       "--sweep alone runs its default sweep.", flag_values=fl)
   flags.DEFINE_integer("parallel", 1, "Sweep points run at a time (locally).", lower_bound=1,
@@ -178,7 +184,8 @@ def main(argv) -> int:
     fl = _parse(argv)
     if fl.sweep is not None:
       return _sweep(fl)
-    from aeir_jax import train  # pylint: disable=g-import-not-at-top
+    from aeir_jax import parallel, train  # pylint: disable=g-import-not-at-top
+    parallel.initialize_distributed(fl.coordinator_address, fl.num_processes, fl.process_id)
     try:
       result = train.run(fl.config, fl.workdir)
     except train.NumericalError as e:

@@ -26,15 +26,8 @@ README_IMAGES = {"source_train": 4289, "source_test": 742, "target_train": 1641,
 def make_config(arg="", **fields):
   """The Flickr8k config with its data root set to the shared folder (or a skip)."""
   config = flickr8k_transfer.get_config(arg)
-  with config.unlocked():
-    config.data.flickr8k.root = str(shared_path("data", "flickr8k"))
-    for dotted, value in fields.items():
-      *parents, leaf = dotted.split(".")
-      node = config
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
+  fields = {"data.flickr8k.root": str(shared_path("data", "flickr8k")), **fields}
+  return config_lib.override(config, fields)
 
 
 def load(config):

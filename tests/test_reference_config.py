@@ -128,15 +128,7 @@ def _sgraf_state_dicts(rng, vocab, img_dim, embed, word_dim, sim, regions):
 
 
 def _smoke_config(**fields):
-  config = aecr_reference.get_config("smoke")
-  with config.unlocked():
-    for dotted, value in fields.items():
-      *parents, leaf = dotted.split(".")
-      node = config
-      for parent in parents:
-        node = node[parent]
-      node[leaf] = value
-  return config
+  return config_lib.override(aecr_reference.get_config("smoke"), fields)
 
 
 def test_smoke_run_from_imported_sgraf(tmp_path, one_device):

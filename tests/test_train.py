@@ -9,22 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aeir_jax import checkpoints, parallel, train
+from aeir_jax import checkpoints, config_lib, parallel, train
 from aeir_jax.data import load_data
 from aeir_jax.data.samplers import PairedSampler, UnpairedSampler, gather
 from configs import default as default_config
 
 
 def smoke_config(arg="smoke", **overrides):
-  config = default_config.get_config(arg)
-  with config.unlocked():
-    for dotted, value in overrides.items():
-      node = config
-      *parents, leaf = dotted.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
+  return config_lib.override(default_config.get_config(arg), overrides)
 
 
 def _setup(config):
