@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.frag_agg = "sum"         # phi: sum | mean over the second set's fragments
   c.loss.pad_zero_candidate = False  # reference: padded words are cos-0 max candidates
   c.loss.disc_pool_caption = "masked_mean"  # | padded_mean (reference)
-  c.loss.disc_grad_mode = "clean"  # clean | reference (method.md 6.2)
+  c.loss.disc_grad_mode = "clean"  # clean | reference (docs/method.md 6.2)
   # Structural loss: its [Bt, F1, Bs, F2] cosines in blocks of target items of at most this
   # many MB per device (0: all at once). Bounds memory at large batch and keeps a CPU's blocks
   # in cache (4 MB: 3x faster at batch 512 than one block); on accelerators raise it.

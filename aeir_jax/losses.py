@@ -1,4 +1,4 @@
-"""The three AEIR losses as pure functions of arrays (method.md sections 3-5).
+"""The three AEIR losses as pure functions of arrays (docs/method.md sections 3-5).
 
 Shapes: images have `R` region fragments, captions `L` word fragments (with a boolean mask),
 all fragments `D`-dimensional. Every function works on global arrays: under `jit` on a mesh
@@ -134,7 +134,7 @@ def frag_sim_gathered(x, mask_x, y, mask_y, agg="sum", pad_zero_candidate=False)
 def structural_loss_one_way(tgt, tgt_mask, src, src_mask, src_partner, src_partner_mask, *,
                             k, tau, reduction="sum", detach_p=False, agg="sum",
                             pad_zero_candidate=False, block_bytes=0, shards=1):
-  """Structural transfer from modality m1 to m2 (method.md section 5).
+  """Structural transfer from modality m1 to m2 (docs/method.md section 5).
 
   Each target item's similarity distribution over its top-K same-modality source neighbours
   (P) must match its cross-modal similarity distribution over those neighbours' partners (Q).
@@ -180,7 +180,7 @@ def structural_loss(tgt_img, tgt_cap, tgt_cap_mask, src_img, src_cap, src_cap_ma
 
 
 def triplet_loss(scores, margin=0.2, max_violation=True, reduction="sum"):
-  """Hinge triplet loss on a source score matrix (method.md section 3).
+  """Hinge triplet loss on a source score matrix (docs/method.md section 3).
 
   Args:
     scores: `[B, B]`, rows images, columns captions, diagonal the true pairs.

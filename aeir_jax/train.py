@@ -1,6 +1,6 @@
 """Training: the state, one jitted AEIR step, and the loop (evaluate, checkpoint, log).
 
-What one step does (method.md section 6), in one compiled function over global arrays:
+What one step does (docs/method.md section 6), in one compiled function over global arrays:
   1. encode the source batch (paired) and the target batch (unpaired images and captions);
   2. source consistency: hinge triplet with hardest negatives on the source score matrix;
   3. semantic transfer: per-modality discriminators on pooled embeddings; the discriminators
@@ -124,7 +124,7 @@ def make_loss_fn(config, model, discs, num_devices=1):
   player its own gradient: the discriminator loss sees stop-gradient features, and in `clean`
   mode the encoders' adversarial loss sees stop-gradient discriminator parameters. In
   `reference` mode the discriminators also receive the gradient of the adversarial term, as
-  the reference code does (method.md 6.2).
+  the reference code does (docs/method.md 6.2).
   """
   lc = config.loss
 

@@ -1,6 +1,6 @@
 """AECR as the reference code runs it: SGRAF (SAF) encoders + semantic and structural transfer.
 
-Every value is the reference's default (method.md 6.3 and appendix B), and every quirk switch
+Every value is the reference's default (docs/method.md 6.3 and appendix B), and every quirk switch
 of docs/reference.md is set to the reference's behaviour (configs/scan_transfer.py has the
 clean ones). Warm start from a stage-0 source model (configs/sgraf_source.py) or an imported
 SGRAF checkpoint (`python -m aeir_jax.tools.import_torch SGRAF_f30k_model_best.pth.tar OUT`):
@@ -133,7 +133,7 @@ def get_config(arg: str = ""):
 
 
 def hyper_sweeps() -> dict:
-  """Sweeps over the transfer ablation and the loss hyper-parameters (method.md 10)."""
+  """Sweeps over the transfer ablation and the loss hyper-parameters (docs/method.md 10)."""
   return {
       "": lambda: sweep_lib.transfer_ablation(SEEDS),
       "lambda": lambda: sweep_lib.with_seeds(

@@ -1,6 +1,6 @@
 """Stage 0: SGRAF (SAF) trained on the source domain alone, the warm start of AECR.
 
-The recipe of the SGRAF repository (method.md 6.4) on the model of configs/aecr_reference.py:
+The recipe of the SGRAF repository (docs/method.md 6.4) on the model of configs/aecr_reference.py:
 batch 128, Adam 2e-4, margin 0.2 with hardest negatives, gradient clip 2 (over the encoders
 only, as SGRAF has no discriminators), dropout 0.4; Flickr30K 30 epochs with the lr x0.1 after
 epoch 20, MS-COCO 20 epochs with x0.1 after epoch 10. Both transfer weights are 0. The target

@@ -1,4 +1,4 @@
-"""Each AEIR loss against a plain numpy formula written from method.md (loops, no vectors)."""
+"""Each AEIR loss against a plain numpy formula written from docs/method.md (loops, no vectors)."""
 
 import jax
 import jax.numpy as jnp

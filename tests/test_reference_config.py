@@ -1,4 +1,4 @@
-"""The AECR reference config against method.md, its stage-0 and clean siblings, and the smoke
+"""The AECR reference config against docs/method.md, its stage-0 and clean siblings, and the smoke
 run end to end: an SGRAF PyTorch checkpoint imported and used as the warm start of a run on a
 generated SCAN-format dataset, evaluated with the named protocols, then re-evaluated by the
 eval-only entry point."""
@@ -34,7 +34,7 @@ def _flat(node, prefix=""):
 
 
 def test_reference_values_match_method():
-  """method.md 6.3 and appendix B, field by field (F30K -> COCO)."""
+  """docs/method.md 6.3 and appendix B, field by field (F30K -> COCO)."""
   c = aecr_reference.get_config("")
   assert c.scenario == "f30k2coco" and c.variant == "aeir"
   assert c.data.name == "scan"

@@ -11,7 +11,7 @@
                         whatever the bug switch), words seen at least `vocab_threshold` times;
   max_len               caption width L in ids (with `<start>`/`<end>`); longer captions keep
                         their first L - 1 ids and `<end>`;
-  tokenize_bytes_repr_bug  tokenise `str(caption_bytes)` as the reference does (method.md 1.5);
+  tokenize_bytes_repr_bug  tokenise `str(caption_bytes)` as the reference does (docs/method.md 1.5);
   source_test_split, target_test_split  the test split per domain; empty: COCO `testall`
                         (5K, and 5 folds of 1K), others `test`;
   with_dev              also read each domain's `dev` split (first 1,000 images);
@@ -44,7 +44,7 @@ from aeir_jax.errors import ConfigError, DataError
 # Scenario name -> (source, target) dataset folders.
 SCENARIOS = {"f30k2coco": ("f30k_precomp", "coco_precomp"),
              "coco2f30k": ("coco_precomp", "f30k_precomp")}
-# SCAN's train caption counts: one epoch = one pass over them (method.md 1.3).
+# SCAN's train caption counts: one epoch = one pass over them (docs/method.md 1.3).
 TRAIN_CAPTIONS = {"f30k_precomp": 145_000, "coco_precomp": 566_435}
 # The standard test protocols of each dataset (metric key prefixes of `protocols.STANDARD`).
 TEST_PROTOCOLS = {"f30k_precomp": ("f30k_1k",), "coco_precomp": ("coco_5fold1k", "coco_5k")}

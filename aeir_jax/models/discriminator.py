@@ -1,4 +1,4 @@
-"""Domain discriminators, one per modality (method.md section 4)."""
+"""Domain discriminators, one per modality (docs/method.md section 4)."""
 
 from __future__ import annotations
 
