@@ -264,10 +264,14 @@ def result_prefixes(config, names):
   return [prefix for name in names for prefix in eval_prefixes(config, name)]
 
 
+def _available_splits(data):
+  return {"target_test": data.target.test, "target_dev": data.target.dev,
+          "source_test": data.source.test}
+
+
 def eval_splits(config, data):
   """{name: RetrievalSplit} for the configured evaluation splits that the data has."""
-  available = {"target_test": data.target.test, "target_dev": data.target.dev,
-               "source_test": data.source.test}
+  available = _available_splits(data)
   return {name: available[name] for name in config.eval.splits if available[name] is not None}
 
 
@@ -296,8 +300,7 @@ def validate_with_data(config, data):
       raise ConfigError(f"{field}={_get(config, field)} exceeds the {split.num_captions} "
                         f"captions of {split.name or 'the train split'}; lower it")
   for name in config.eval.splits:
-    split = {"target_test": data.target.test, "target_dev": data.target.dev,
-             "source_test": data.source.test}[name]
+    split = _available_splits(data)[name]
     if split is None:
       raise ConfigError(f"eval.splits names {name!r} but data.name={config.data.name!r} has no "
                         "such split; remove it from eval.splits")

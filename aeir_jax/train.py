@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import threading
 import time
@@ -259,7 +260,6 @@ class _Prefetch:
   """Builds host batches for upcoming steps in a background thread."""
 
   def __init__(self, make_batch, start, stop, depth=2):
-    import queue  # pylint: disable=g-import-not-at-top
     self._queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
 
@@ -286,8 +286,8 @@ class _Prefetch:
     self._stop.set()
     while self._thread.is_alive():
       try:
-        self._queue.get_nowait()
-      except Exception:  # pylint: disable=broad-except
+        self._queue.get_nowait()  # unblocks a producer waiting on a full queue
+      except queue.Empty:
         pass
       self._thread.join(timeout=0.05)
 

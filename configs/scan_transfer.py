@@ -24,12 +24,7 @@ def get_config(arg: str = ""):
   config = aecr_reference.reference_config(aecr_reference.scenario_arg(variants),
                                            aecr_reference.epochs_arg(kv, aecr_reference.EPOCHS))
   config.seed = int(kv.get("seed", 0))
-  for field, value in aecr_reference.CLEAN_SWITCHES.items():
-    *parents, leaf = field.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config_lib.override(config, aecr_reference.CLEAN_SWITCHES)
   config_lib.apply_variants(config, variants)
   config.lock()
   return config

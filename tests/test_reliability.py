@@ -168,3 +168,110 @@ def test_chaos_kills_and_resumes(tmp_path):
                  "--config.train.eval_every=12", "--config.train.log_every=4"],
       seed=3, verbose=False)
   assert summary["ok"], summary
+
+
+# ----------------------------------------------------------------------------- bad data files
+
+def _fake_scan_root(root):
+  from aeir_jax.data.scan import write_fake_scan
+  sizes = {"train": 40, "dev": 10, "test": 10, "testall": 10}
+  for name in ("f30k_precomp", "coco_precomp"):
+    write_fake_scan(str(root), name, sizes, regions=6, dim=32, seed=len(name))
+  return root
+
+
+def _break_missing(root):
+  (root / "coco_precomp" / "train_caps.txt").unlink()
+
+
+def _break_shape(root):
+  np.save(root / "f30k_precomp" / "train_ims.npy", np.zeros((40, 32), np.float32))
+
+
+def _break_dtype(root):
+  np.save(root / "f30k_precomp" / "train_ims.npy", np.zeros((40, 6, 32), np.int32))
+
+
+def _break_count(root):
+  path = root / "f30k_precomp" / "train_caps.txt"
+  path.write_text("".join(path.read_text().splitlines(keepends=True)[:-3]))
+
+
+def _break_empty_line(root):
+  path = root / "coco_precomp" / "train_caps.txt"
+  lines = path.read_text().splitlines(keepends=True)
+  lines[7] = "   \n"
+  path.write_text("".join(lines))
+
+
+def _break_utf8(root):
+  path = root / "coco_precomp" / "train_caps.txt"
+  lines = path.read_bytes().splitlines(keepends=True)
+  lines[3] = b"a dog \xff\xfe on grass\n"
+  path.write_bytes(b"".join(lines))
+
+
+def _break_nan(root):
+  ims = np.load(root / "f30k_precomp" / "train_ims.npy")
+  ims[0, 0, 0] = np.nan
+  np.save(root / "f30k_precomp" / "train_ims.npy", ims)
+
+
+def _break_vocab(root):
+  (root / "vocab.json").write_text(json.dumps(
+      {"word2idx": {"a": 0, "dog": 1}, "idx2word": {"0": "a", "1": "dog"}, "idx": 2}))
+
+
+BAD_DATA = [
+    # (break, needles in the one-line message)
+    (_break_missing, ["train_caps.txt"]),
+    (_break_shape, ["train_ims.npy"]),
+    (_break_dtype, ["train_ims.npy"]),
+    (_break_count, ["train_caps.txt"]),
+    (_break_empty_line, ["train_caps.txt:8"]),
+    (_break_utf8, ["train_caps.txt:4", "UTF-8"]),
+    (_break_nan, ["train_ims.npy"]),
+    (_break_vocab, ["vocab.json", "<pad>"]),
+]
+
+
+SCAN_ARGS = ["--config", "configs/scan_transfer.py:smoke",
+             "--config.data.scan.fake.train_images=0"]
+
+
+def _scan_args(root, workdir):
+  return [*SCAN_ARGS, "--workdir", str(workdir), f"--config.data.scan.root={root}",
+          f"--config.data.scan.vocab_path={root / 'vocab.json'}"]
+
+
+def _write_good_scan(root):
+  import shutil
+  from aeir_jax.data.vocab import Vocab
+  shutil.rmtree(root, ignore_errors=True)
+  _fake_scan_root(root)
+  captions = (root / "f30k_precomp" / "train_caps.txt").read_text().splitlines()
+  Vocab.build(captions, threshold=1).save(str(root / "vocab.json"))
+
+
+@pytest.fixture(scope="module")
+def scan_run(tmp_path_factory):
+  """A finished run on good SCAN-format files; each test breaks them, then they are rewritten."""
+  root = tmp_path_factory.mktemp("scan_data")
+  workdir = tmp_path_factory.mktemp("scan_run")
+  _write_good_scan(root)
+  result = _launch(*_scan_args(root, workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  yield root, workdir
+
+
+@pytest.mark.parametrize("breaker,needles", BAD_DATA, ids=[b.__name__ for b, _ in BAD_DATA])
+def test_bad_data_is_one_line_exit_2(scan_run, breaker, needles):
+  root, workdir = scan_run
+  before = _tree_digest(workdir)
+  breaker(root)
+  try:
+    result = _launch(*_scan_args(root, workdir))
+  finally:
+    _write_good_scan(root)
+  _assert_user_error(result, *needles)
+  assert _tree_digest(workdir) == before
