@@ -40,7 +40,9 @@ class Evaluator:
 
   def __init__(self, model, batch_size: int, data_sharding, replicated):
     self.model = model
-    self.batch_size = batch_size
+    # Blocks split evenly over the devices: round the batch up to a multiple of their count.
+    n_dev = data_sharding.mesh.devices.size
+    self.batch_size = -(-batch_size // n_dev) * n_dev
     self.data_sharding = data_sharding
     self.replicated = replicated
     # A dual-encoder head scores pooled embeddings: one matmul per block.
@@ -56,12 +58,20 @@ class Evaluator:
       return pooled_caption(frags, mask) if self.dual else (frags, mask)
 
     def score(variables, img, cap, mask):
+      # Each device scores its share of the caption block (pairs are independent in eval
+      # mode); the replicated output gathers the columns.
+      cap = jax.lax.with_sharding_constraint(cap, data_sharding)
+      mask = jax.lax.with_sharding_constraint(mask, data_sharding)
       return model.apply(variables, img, cap, mask, train=False, method=model.score)
+
+    def dot(img, cap):
+      cap = jax.lax.with_sharding_constraint(cap, data_sharding)
+      return jnp.dot(img, cap.T, precision="highest")
 
     self._enc_img = jax.jit(enc_img, out_shardings=replicated)
     self._enc_cap = jax.jit(enc_cap, out_shardings=replicated)
-    self._score = jax.jit(score)
-    self._dot = jax.jit(lambda a, b: jnp.dot(a, b.T, precision="highest"))
+    self._score = jax.jit(score, out_shardings=replicated)
+    self._dot = jax.jit(dot, out_shardings=replicated)
 
   def _put(self, x):
     return jax.device_put(x, self.replicated)

@@ -229,3 +229,24 @@ def test_one_vs_eight_devices_reference_config():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
                                                        atol=1e-3 * np.abs(a).max() + 1e-7),
                g1, g8)
+
+
+def test_pairwise_scores_same_on_one_and_eight_devices():
+  """The SAF head's all-pairs scores, split over 8 devices, equal the 1-device scores."""
+  from aeir_jax import config_lib, evaluate, train as train_lib
+  from aeir_jax.data import load_data
+  from configs import aecr_reference
+  config = aecr_reference.get_config("smoke")
+  data = load_data(config)
+  model, discs = train_lib.build_models(config, data)
+  txs = train_lib.build_optimizers(config)
+  state = train_lib.init_state(config, model, discs, txs, data, jax.random.PRNGKey(0))
+  variables = {"params": state["params"]["enc"], **state["model_state"]}
+  split = config_lib.eval_splits(config, data)["target_test"]
+  scores = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = parallel.make_mesh(devices)
+    ev = evaluate.Evaluator(model, 12, parallel.data_sharding(mesh), parallel.replicated(mesh))
+    scores.append(ev.scores(variables, split))
+  assert scores[0].shape == (split.num_images, split.num_captions)
+  np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5, atol=1e-6)
